@@ -37,7 +37,8 @@ def progress(iterable: Iterable[T] | None = None, **kwargs: Any) -> Iterator[T]:
 
     kwargs.setdefault("dynamic_ncols", True)
     kwargs.setdefault("leave", False)
-    return tqdm(iterable, disable=is_quiet() or kwargs.pop("disable", False), **kwargs)
+    disable = kwargs.pop("disable", False)
+    return tqdm(iterable, disable=is_quiet() or disable, **kwargs)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,230 @@
+"""The ``umm`` command line: thin commands over the library functions.
+
+Every stage's options are a pydantic model; its fields become the command's flags (help text from each
+field's description, so it is written once). A command also takes ``--config FILE.yaml`` (that stage's
+options, or a recipe whose section of that stage's name holds them) and ``--set key=value`` overrides;
+explicit flags win over ``--set``, which wins over the file.
+
+Exit codes: 0 success; 1 a user-facing failure (:class:`UmmError`, printed without a traceback); 2 a bad
+option or config value (one ``field: message`` line per problem); 130 interrupted. Anything else is a bug
+and keeps its traceback. Heavy libraries are imported inside the commands, so ``umm --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Callable, Literal, Optional, Union
+
+import typer
+
+from umm_tools import __version__
+from umm_tools.errors import UmmError
+
+app = typer.Typer(
+    name="umm",
+    help="umm: Upcycle-and-Merge MoE reward models. Upcycle a dense RM into a shared-expert MoE, train it, "
+    "merge the experts back into one dense RM, and check with PPO that it is harder to reward-hack.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+logger = logging.getLogger("umm_tools")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"umm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debugging detail.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors; no progress bars.")] = False,
+) -> None:
+    """Set up logging once for every command."""
+    from umm_tools.utils import set_quiet
+
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[umm] %(message)s" if not verbose else "[%(name)s] %(levelname)s %(message)s"))
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
+    logger.propagate = False
+    set_quiet(quiet)
+    if quiet or not verbose:
+        import os
+
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Options models -> flags
+
+
+def _flag_type(annotation: Any) -> Any | None:
+    """The CLI type for a pydantic field annotation, or None if it can only be set via --config/--set."""
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _flag_type(args[0]) if len(args) == 1 else None
+    if origin is Literal or annotation in (int, float, str, bool, Path):
+        return annotation
+    if origin is list and typing.get_args(annotation) and typing.get_args(annotation)[0] in (str, int, float):
+        return annotation
+    return None
+
+
+def _load_section(path: str, stage: str) -> dict[str, Any]:
+    from umm_tools.config import load_yaml
+
+    data = load_yaml(path)
+    section = data.get(stage)
+    if isinstance(section, dict):
+        return dict(section)
+    return data
+
+
+def print_validation_error(err: Any, source: str = "") -> None:
+    """One ``field: message`` line per problem, on stderr."""
+    prefix = f"{source}: " if source else ""
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(options)"
+        msg = e["msg"]
+        if e.get("type") == "extra_forbidden":
+            msg = "unknown option (check the spelling; `umm <command> --help` lists them)"
+        typer.echo(f"{prefix}{loc}: {msg}", err=True)
+
+
+def run_safely(fn: Callable[[], Any]) -> Any:
+    """Run a command body, mapping user-facing failures to exit codes (library code never exits)."""
+    from pydantic import ValidationError
+
+    try:
+        return fn()
+    except ValidationError as e:
+        print_validation_error(e)
+        raise typer.Exit(2) from None
+    except UmmError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted; nothing half-written was left in the output folder.", err=True)
+        raise typer.Exit(130) from None
+
+
+def stage_command(
+    name: str,
+    options_cls: Callable[[], type],
+    arguments: list[tuple[str, str, bool]],
+    run: Callable[..., Any],
+    help: str,
+    fields: list[tuple[str, Any, str, Any]] | None = None,
+) -> None:
+    """Register ``umm NAME``: positional ``arguments`` (name, help, required), then one flag per option field.
+
+    ``options_cls`` is a zero-argument function returning the model, so the module defining it is imported
+    only when needed... but the fields must be known to build ``--help``: option modules keep heavy imports
+    inside functions, so importing them is cheap.
+    """
+    cls = options_cls()
+    params: list[inspect.Parameter] = []
+    for arg, arg_help, required in arguments:
+        ann = Annotated[str, typer.Argument(help=arg_help)] if required else Annotated[
+            Optional[str], typer.Argument(help=arg_help)]
+        params.append(inspect.Parameter(arg, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=ann,
+                                        default=inspect.Parameter.empty if required else None))
+    option_names: list[str] = []
+    for fname, field in cls.model_fields.items():
+        ftype = _flag_type(field.annotation)
+        if ftype is None or fname in {a for a, _, _ in arguments}:
+            continue
+        flag = "--" + fname.replace("_", "-")
+        decl = f"{flag}/--no-{flag[2:]}" if ftype is bool else flag
+        default = field.default if field.default is not None and not callable(field.default) else None
+        if ftype is bool:
+            shown = "on" if default else "off"
+        else:
+            shown = default
+        help_text = (field.description or "") + (f"  [default: {shown}]" if shown is not None else "")
+        ann = Annotated[Optional[ftype], typer.Option(decl, help=help_text, show_default=False)]
+        params.append(inspect.Parameter(fname, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ann))
+        option_names.append(fname)
+    params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Optional[Path], typer.Option("--config", help=f"YAML file with these options (or a recipe: its '{name}' "
+                                     "section is used). Flags override it.")]))
+    params.append(inspect.Parameter("overrides", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Optional[list[str]], typer.Option("--set", help="Override one option: --set key=value (repeatable; values "
+                                          "are YAML, dotted keys reach nested options).")]))
+
+    def impl(**kw: Any) -> Any:
+        from umm_tools.config import apply_overrides
+
+        def body() -> Any:
+            from pydantic import ValidationError
+
+            config, overrides = kw.pop("config"), kw.pop("overrides") or []
+            positional = {a: kw.pop(a) for a, _, _ in arguments}
+            data = _load_section(str(config), name) if config else {}
+            apply_overrides(data, overrides)
+            data.update({k: v for k, v in kw.items() if v is not None})
+            try:
+                opts = cls.model_validate(data)
+            except ValidationError as e:
+                print_validation_error(e, str(config) if config else "")
+                raise typer.Exit(2) from None
+            return run(opts=opts, **positional)
+
+        return run_safely(body)
+
+    impl.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    impl.__annotations__ = {p.name: p.annotation for p in params}
+    impl.__doc__ = help
+    app.command(name, help=help)(impl)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def _upcycle_options():
+    from umm_tools.upcycle import UpcycleOptions
+
+    return UpcycleOptions
+
+
+def _run_upcycle(source: str, output_dir: str, opts: Any) -> None:
+    from umm_tools.upcycle import upcycle
+
+    out = upcycle(source, output_dir, opts)
+    typer.echo(f"MoE reward model written to {out}")
+
+
+stage_command(
+    "upcycle",
+    _upcycle_options,
+    [("source", "Dense RM to upcycle: a local folder or a Hub id (org/name).", True),
+     ("output_dir", "Folder to write the Qwen2-MoE RM to (must not exist unless --overwrite).", True)],
+    _run_upcycle,
+    help="Turn a dense Llama/Mistral/Qwen2 RM (CausalLM or SequenceClassification) into a function-preserving "
+    "shared-expert MoE RM in the standard Qwen2-MoE format.",
+)
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    entry()
