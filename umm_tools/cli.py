@@ -156,7 +156,7 @@ def stage_command(
             shown = "on" if default else "off"
         else:
             shown = default
-        help_text = (field.description or "") + (f"  [default: {shown}]" if shown is not None else "")
+        help_text = (field.description or "") + (f"  (default: {shown})" if shown is not None else "")
         ann = Annotated[Optional[ftype], typer.Option(decl, help=help_text, show_default=False)]
         params.append(inspect.Parameter(fname, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ann))
         option_names.append(fname)
@@ -218,6 +218,104 @@ stage_command(
     _run_upcycle,
     help="Turn a dense Llama/Mistral/Qwen2 RM (CausalLM or SequenceClassification) into a function-preserving "
     "shared-expert MoE RM in the standard Qwen2-MoE format.",
+)
+
+
+def _eval_options():
+    from umm_tools.evaluate import EvalOptions
+
+    return EvalOptions
+
+
+def _run_eval(model: str, data: str, opts: Any) -> None:
+    from umm_tools.evaluate import evaluate, format_report
+
+    result = evaluate(model, data, opts)
+    typer.echo(format_report(result))
+    if opts.output:
+        typer.echo(f"JSON report written to {opts.output}")
+
+
+stage_command(
+    "eval",
+    _eval_options,
+    [("model", "Reward model: a folder or Hub id (any one-output sequence-classification RM).", True),
+     ("data", "Preference data: a Hub dataset id or a .jsonl/.json/.parquet/.csv file.", True)],
+    _run_eval,
+    help="Measure any reward model on preference pairs: pairwise accuracy with a 95% interval, mean margin, "
+    "per-subset accuracy.",
+)
+
+
+def _collapse_options():
+    from umm_tools.collapse import CollapseOptions
+
+    return CollapseOptions
+
+
+def _run_collapse(moe_dir: str, merge_weights: str, output_dir: str, opts: Any) -> None:
+    from umm_tools.collapse import collapse
+
+    out = collapse(moe_dir, merge_weights, output_dir, opts)
+    typer.echo(f"dense reward model written to {out}")
+
+
+stage_command(
+    "collapse",
+    _collapse_options,
+    [("moe_dir", "MoE RM folder written by `umm upcycle` (and trained with `umm train`).", True),
+     ("merge_weights", "merge_weights.json written by `umm learn-merge` (or a folder holding it).", True),
+     ("output_dir", "Folder for the dense RM in the source architecture.", True)],
+    _run_collapse,
+    help="Average the experts with the merge weights and write an ordinary dense RM of the source architecture "
+    "(same size and cost as the model you started from).",
+)
+
+
+@app.command("mergekit")
+def mergekit_cmd(
+    config: Annotated[Path, typer.Argument(help="mergekit YAML config (may use merge_method: umm_learned).")],
+    output_dir: Annotated[Path, typer.Argument(help="Folder for the merged model.")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT_DIR once the merge is complete.")] = False,
+    copy_tokenizer: Annotated[bool, typer.Option("--copy-tokenizer/--no-copy-tokenizer",
+                                                 help="Copy the base model's tokenizer.")] = True,
+) -> None:
+    """Run a mergekit YAML with umm's learned-weight merge method registered (like mergekit-yaml)."""
+
+    def body() -> None:
+        from umm_tools.merge_method import run_mergekit_yaml
+
+        out = run_mergekit_yaml(config, output_dir, overwrite=overwrite, copy_tokenizer=copy_tokenizer)
+        typer.echo(f"merged model written to {out}")
+
+    run_safely(body)
+
+
+def _ppo_options():
+    from umm_tools.ppo import PPOOptions
+
+    return PPOOptions
+
+
+def _run_ppo(policy: str, prompts: str, output_dir: str, opts: Any) -> None:
+    from umm_tools.ppo import ppo
+
+    if not opts.reward_model:
+        raise UmmError("--reward-model is required: the RM (folder or Hub id) whose score PPO maximises.")
+    out = ppo(policy, prompts, output_dir, opts)
+    typer.echo(f"PPO finished: policy, metrics.jsonl, plot.png and summary.json in {out}")
+
+
+stage_command(
+    "ppo",
+    _ppo_options,
+    [("policy", "Policy to optimise: a causal LM folder or Hub id.", True),
+     ("prompts", "Prompts: a .jsonl/.json/.csv/.parquet file or Hub dataset with a prompt (or messages) column.",
+      True),
+     ("output_dir", "Folder for the policy, metrics.jsonl, plot.png and summary.json.", True)],
+    _run_ppo,
+    help="PPO against a reward model, with an optional gold RM only watched, to measure reward hacking "
+    "(proxy rises while gold falls).",
 )
 
 
