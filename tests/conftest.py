@@ -13,9 +13,8 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-from hub_server import local_hub  # noqa: E402,F401  (fixture)
-
 import tiny  # noqa: E402
+from hub_server import local_hub  # noqa: E402,F401  (fixture)
 
 
 @pytest.fixture(scope="session")

@@ -8,11 +8,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from typer.testing import CliRunner
 
-import tiny
 from umm_tools.cli import app
 from umm_tools.errors import UmmError
 from umm_tools.upcycle import UpcycleOptions, upcycle

@@ -325,9 +325,7 @@ def _plan(weights: SourceWeights, cfg: Any, arch: SourceArch, head: str, where: 
             kind[name] = "copy"
         elif name == "lm_head.weight" and head == "causal":
             kind[name] = "drop"  # the language-model head is replaced by a one-output score head
-        elif m and m.group(2) in _LAYER_KEEP:
-            kind[name] = "copy"
-        elif m and m.group(2) in _QKV_BIAS and arch.qkv_bias:
+        elif m and m.group(2) in _LAYER_KEEP or m and m.group(2) in _QKV_BIAS and arch.qkv_bias:
             kind[name] = "copy"
         elif m and m.group(2).endswith("rotary_emb.inv_freq"):
             kind[name] = "drop"  # a buffer recomputed from the config, saved by old checkpoints
