@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 import typer
 
 from umm_tools import __version__
-from umm_tools.errors import UmmError
+from umm_tools.errors import OptionsError, UmmError
 
 app = typer.Typer(
     name="umm",
@@ -89,11 +89,15 @@ def _flag_type(annotation: Any) -> Any | None:
 def _load_section(path: str, stage: str) -> dict[str, Any]:
     from umm_tools.config import load_yaml
 
+    from umm_tools.pipeline import STAGE_INPUTS
+
     data = load_yaml(path)
     section = data.get(stage)
-    if isinstance(section, dict):
-        return dict(section)
-    return data
+    section = dict(section) if isinstance(section, dict) else data
+    # A recipe section may also name the stage's inputs (for `umm run`); here the command line gives them.
+    for key in STAGE_INPUTS.get(stage, ()):
+        section.pop(key, None)
+    return section
 
 
 def print_validation_error(err: Any, source: str = "") -> None:
@@ -113,6 +117,10 @@ def run_safely(fn: Callable[[], Any]) -> Any:
 
     try:
         return fn()
+    except OptionsError as e:
+        for line in e.lines:
+            typer.echo(line, err=True)
+        raise typer.Exit(2) from None
     except ValidationError as e:
         print_validation_error(e)
         raise typer.Exit(2) from None
@@ -318,6 +326,52 @@ stage_command(
     help="PPO against a reward model, with an optional gold RM only watched, to measure reward hacking "
     "(proxy rises while gold falls).",
 )
+
+
+STAGE_NAMES = "upcycle, train, learn-merge, collapse, eval, ppo, push"
+
+
+@app.command("run")
+def run_cmd(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML: output_dir, model, data, stages and one section a stage.")],
+    overrides: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Override a recipe value: --set train.learning_rate=1e-5 (repeatable; values are YAML).")] = None,
+    from_stage: Annotated[Optional[str], typer.Option(
+        "--from", help=f"Rerun from this stage on, even if up to date ({STAGE_NAMES}).")] = None,
+    until_stage: Annotated[Optional[str], typer.Option("--until", help="Stop after this stage.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and which stages would run.")
+                       ] = False,
+) -> None:
+    """Run a recipe's stages in order; finished stages whose options and inputs are unchanged are skipped."""
+
+    def body() -> None:
+        from umm_tools import pipeline
+
+        r = pipeline.load_recipe(recipe, overrides or [])
+        if dry_run:
+            typer.echo(pipeline.resolved_yaml(r))
+        pipeline.run(r, from_stage, until_stage, dry_run=dry_run, echo=typer.echo)
+
+    run_safely(body)
+
+
+@app.command("validate")
+def validate_cmd(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML to check against every stage's options schema.")],
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe value (key=value).")] = None,
+    show: Annotated[bool, typer.Option("--show/--no-show", help="Print the resolved recipe with defaults.")] = True,
+) -> None:
+    """Check a recipe without running anything: one `field: message` line per problem (exit 2)."""
+
+    def body() -> None:
+        from umm_tools import pipeline
+
+        r = pipeline.load_recipe(recipe, overrides or [])
+        if show:
+            typer.echo(pipeline.resolved_yaml(r))
+        typer.echo(f"{recipe}: valid ({', '.join(r.stages)})")
+
+    run_safely(body)
 
 
 def entry() -> None:

@@ -10,3 +10,11 @@ from __future__ import annotations
 
 class UmmError(Exception):
     """A failure the user can act on; the message says what went wrong and what to do."""
+
+
+class OptionsError(Exception):
+    """Invalid options or recipe values: one ``field: message`` line per problem (the CLI exits 2)."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("\n".join(lines))
+        self.lines = lines
