@@ -135,10 +135,10 @@ def run_safely(fn: Callable[[], Any]) -> Any:
 def stage_command(
     name: str,
     options_cls: Callable[[], type],
-    arguments: list[tuple[str, str, bool]],
+    arguments: list[tuple[str, str, bool | str]],
     run: Callable[..., Any],
     help: str,
-    fields: list[tuple[str, Any, str, Any]] | None = None,
+    extra: list[tuple[str, Any]] | None = None,
 ) -> None:
     """Register ``umm NAME``: positional ``arguments`` (name, help, required), then one flag per option field.
 
@@ -149,10 +149,14 @@ def stage_command(
     cls = options_cls()
     params: list[inspect.Parameter] = []
     for arg, arg_help, required in arguments:
-        ann = Annotated[str, typer.Argument(help=arg_help)] if required else Annotated[
-            Optional[str], typer.Argument(help=arg_help)]
+        if required == "variadic":
+            ann = Annotated[list[str], typer.Argument(help=arg_help)]
+        elif required:
+            ann = Annotated[str, typer.Argument(help=arg_help)]
+        else:
+            ann = Annotated[Optional[str], typer.Argument(help=arg_help)]
         params.append(inspect.Parameter(arg, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=ann,
-                                        default=inspect.Parameter.empty if required else None))
+                                        default=None if required is False else inspect.Parameter.empty))
     option_names: list[str] = []
     for fname, field in cls.model_fields.items():
         ftype = _flag_type(field.annotation)
@@ -169,6 +173,8 @@ def stage_command(
         ann = Annotated[Optional[ftype], typer.Option(decl, help=help_text, show_default=False)]
         params.append(inspect.Parameter(fname, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ann))
         option_names.append(fname)
+    for pname, pann in extra or []:
+        params.append(inspect.Parameter(pname, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=pann))
     params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
         Optional[Path], typer.Option("--config", help=f"YAML file with these options (or a recipe: its '{name}' "
                                      "section is used). Flags override it.")]))
@@ -184,6 +190,7 @@ def stage_command(
 
             config, overrides = kw.pop("config"), kw.pop("overrides") or []
             positional = {a: kw.pop(a) for a, _, _ in arguments}
+            positional.update({p: kw.pop(p) for p, _ in extra or []})
             data = _load_section(str(config), name) if config else {}
             apply_overrides(data, overrides)
             data.update({k: v for k, v in kw.items() if v is not None})
@@ -256,6 +263,46 @@ stage_command(
 )
 
 
+def _learn_merge_options():
+    from umm_tools.learn_merge import LearnMergeOptions
+
+    return LearnMergeOptions
+
+
+def _run_learn_merge(paths: list[str], models: list[str] | None, opts: Any) -> None:
+    from umm_tools.learn_merge import learn_merge, learn_merge_models
+
+    if models:
+        names = [m for item in models for m in item.split(",") if m]
+        if len(paths) not in (1, 2):
+            raise UmmError("with --models give DATA OUTPUT (or only OUTPUT for --mode uniform).")
+        data, output = (paths[0], paths[1]) if len(paths) == 2 else (None, paths[0])
+        out = learn_merge_models(names, data, output, opts)
+        typer.echo(f"merge weights and a mergekit YAML written to {out}; merge with: umm mergekit {out}/merge.yaml OUT")
+        return
+    if len(paths) not in (2, 3):
+        raise UmmError("expected MOE_DIR DATA OUTPUT (or MOE_DIR OUTPUT for --mode uniform|stats without data).")
+    moe_dir, data, output = (paths[0], paths[1], paths[2]) if len(paths) == 3 else (paths[0], None, paths[1])
+    out = learn_merge(moe_dir, data, output, opts)
+    typer.echo(f"merge weights written to {out}/merge_weights.json; next: umm collapse {moe_dir} "
+               f"{out}/merge_weights.json DENSE_OUT")
+
+
+stage_command(
+    "learn-merge",
+    _learn_merge_options,
+    [("paths", "MOE_DIR DATA OUTPUT: the trained MoE RM folder, preference data (Hub id or file), and the output "
+      "folder for merge_weights.json. DATA may be left out for --mode uniform or stats. With --models: DATA OUTPUT.",
+      "variadic")],
+    _run_learn_merge,
+    help="Learn convex per-layer weights that merge the MoE's experts (or several dense RMs, with --models) into "
+    "one dense FFN, fitted by the Bradley-Terry loss on the dense model they define.",
+    extra=[("models", Annotated[Optional[list[str]], typer.Option(
+        "--models", help="Learn weights over several dense RMs of one architecture instead (WARM with learned "
+        "weights): repeat the flag or give a comma-separated list. Writes a mergekit YAML too.")])],
+)
+
+
 def _collapse_options():
     from umm_tools.collapse import CollapseOptions
 
@@ -265,6 +312,8 @@ def _collapse_options():
 def _run_collapse(moe_dir: str, merge_weights: str, output_dir: str, opts: Any) -> None:
     from umm_tools.collapse import collapse
 
+    if Path(merge_weights).is_dir():
+        merge_weights = str(Path(merge_weights) / "merge_weights.json")
     out = collapse(moe_dir, merge_weights, output_dir, opts)
     typer.echo(f"dense reward model written to {out}")
 

@@ -198,11 +198,16 @@ def _check_moe_dir(moe_dir: Path) -> tuple[dict[str, Any], UmmInfo]:
     return cfg, info
 
 
-def _expected_tensors(info: UmmInfo) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the source class's state dict, from a meta-device instance (no memory)."""
+def build_source_model(info: UmmInfo, device: str = "meta") -> Any:
+    """An instance of the source class (``umm.source_architecture``) with ``umm.source_config``.
+
+    On ``meta`` (default) it takes no memory; elsewhere its parameters are allocated but not initialised
+    (load them before use); buffers (rotary frequencies) are computed as usual.
+    """
     import torch
     import transformers
     from transformers import AutoConfig
+    from transformers.initialization import no_init_weights
 
     cls = getattr(transformers, info.source_architecture, None)
     if cls is None or not hasattr(cls, "config_class"):
@@ -214,11 +219,15 @@ def _expected_tensors(info: UmmInfo) -> dict[str, tuple[int, ...]]:
     model_type = sc.pop("model_type", info.source_model_type)
     try:
         config = AutoConfig.for_model(model_type, **sc)
-        with torch.device("meta"):
-            model = cls(config)
+        with torch.device(device), no_init_weights():
+            return cls(config)
     except Exception as e:  # a bad config is the user's file, not a bug here
         raise UmmError(f"umm.source_config does not build a {info.source_architecture}: {e}") from e
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _expected_tensors(info: UmmInfo) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the source class's state dict, from a meta-device instance (no memory)."""
+    return {k: tuple(v.shape) for k, v in build_source_model(info).state_dict().items()}
 
 
 def _read_headers(moe_dir: Path, index: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -247,6 +256,17 @@ def _read_headers(moe_dir: Path, index: Any) -> dict[str, tuple[str, tuple[int, 
     if absent:
         raise UmmError(f"{moe_dir}: the weight index lists {absent[0]} ({len(absent)} in all) but no shard holds it.")
     return out
+
+
+def _open_weights(moe_dir: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], Any]:
+    """The safetensors headers (name -> (dtype, shape)) and a mergekit ``LazyTensorLoader`` of the MoE."""
+    from mergekit.io import LazyTensorLoader, ShardedTensorIndex
+
+    try:
+        index = ShardedTensorIndex.from_disk(str(moe_dir))
+    except (RuntimeError, OSError, ValueError) as e:
+        raise UmmError(f"cannot read the weight index of {moe_dir}: {e}") from e
+    return _read_headers(moe_dir, index), LazyTensorLoader(index, lazy_unpickle=False)
 
 
 def _plan(headers: dict[str, tuple[str, tuple[int, ...]]], info: UmmInfo, mw: MergeWeights, weights_src: str,
@@ -442,6 +462,43 @@ class _Reader:
             yield t / info.routed_scale if p == "down_proj" else t
 
 
+@dataclass
+class CanonicalMoE:
+    """A umm MoE read for merging: what :func:`collapse` writes, before the weights are chosen."""
+
+    info: UmmInfo
+    experts: list[str]  # shared.0 … shared.S-1, routed.0 … routed.E-1
+    fixed: dict[str, torch.Tensor]  # source tensor name -> tensor as stored (copied unchanged by collapse)
+    merged: dict[str, tuple[int, str, torch.Tensor]]  # source FFN name -> (layer, projection, θ̂ (K, ...) fp32)
+    dtypes: dict[str, str]  # source FFN name -> dtype collapse writes it in (dtype 'auto': as stored)
+
+
+def read_canonical_moe(moe_dir: str | os.PathLike) -> CanonicalMoE:
+    """Read every tensor of a umm MoE as collapse sees it: the source's fixed tensors and, per merged FFN
+    tensor, its K canonical experts stacked in expert order (the same checks and refusals as collapse).
+
+    Holds the whole MoE in memory (the experts in float32); used by ``umm learn-merge``.
+    """
+    import torch
+
+    moe_dir = Path(moe_dir).absolute()
+    _, info = _check_moe_dir(moe_dir)
+    headers, loader = _open_weights(moe_dir)
+    experts = expert_names(info.shared_experts, info.num_experts)
+    moe_layers = sorted({int(m.group(1)) for name in headers if (m := _MOE_ANY.match(name))})
+    every = [1.0 / len(experts)] * len(experts)  # every weight non-zero: every expert is read
+    uniform = MergeWeights(experts=experts, mode="uniform", layers={str(lyr): {"*": every} for lyr in moe_layers})
+    plan = _plan(headers, info, uniform, "the MoE", _expected_tensors(info), loader)
+    reader = _Reader(loader, info)
+    merged, dtypes = {}, {}
+    for out, (lyr, p, weights, _) in sorted(plan.merges.items(), key=lambda kv: _natural_key(kv[0])):
+        merged[out] = (lyr, p, torch.stack(list(reader.canonical(lyr, p, plan.layers[lyr], weights))))
+        dtypes[out] = headers[plan.layers[lyr].shared[p]][0]
+    fixed = {out: loader.get_tensor(name) for out, name in plan.copies.items()}
+    loader.flush()
+    return CanonicalMoE(info=info, experts=experts, fixed=fixed, merged=merged, dtypes=dtypes)
+
+
 # ------------------------------------------------------------------------------------------ collapse
 def collapse(moe_dir: str | os.PathLike, merge_weights: str | os.PathLike | MergeWeights,
              output_dir: str | os.PathLike, opts: CollapseOptions | None = None) -> Path:
@@ -451,7 +508,6 @@ def collapse(moe_dir: str | os.PathLike, merge_weights: str | os.PathLike | Merg
     only when complete (see :func:`umm_tools.utils.atomic_output_dir`); on any error nothing is left there.
     """
     import torch
-    from mergekit.io import LazyTensorLoader, ShardedTensorIndex
 
     from umm_tools import __version__
     from umm_tools.merge_method import weighted_average
@@ -475,12 +531,7 @@ def collapse(moe_dir: str | os.PathLike, merge_weights: str | os.PathLike | Merg
     if output_dir.exists() and not opts.overwrite:
         raise UmmError(f"{output_dir} already exists; choose another output folder or pass --overwrite to replace it.")
 
-    try:
-        index = ShardedTensorIndex.from_disk(str(moe_dir))
-    except (RuntimeError, OSError, ValueError) as e:
-        raise UmmError(f"cannot read the weight index of {moe_dir}: {e}") from e
-    headers = _read_headers(moe_dir, index)
-    loader = LazyTensorLoader(index, lazy_unpickle=False)
+    headers, loader = _open_weights(moe_dir)
     expected = _expected_tensors(info)
     plan = _plan(headers, info, mw, weights_src, expected, loader)
 
