@@ -23,7 +23,8 @@ Supported (models, datasets and spaces; repo ids ``ns/name`` or ``name``):
               ``offline()`` (listener closed: the client gets a connection error), ``reset()``.
 
 Not supported: Xet storage, multipart LFS uploads, tags, LFS copies from other repos, discussions beyond the PR
-ref, ``.gitignore`` in preupload, pagination, access requests for gated repos, rate limits, cardData, real git
+ref, ``.gitignore`` in preupload, pagination, access requests for gated repos, rate limits, ``expand=`` (every
+field is always sent; ``cardData`` is the README.md front matter, when there is one), real git
 (commit shas are random, not git hashes). Every response closes its connection (no keep-alive), which keeps
 ``offline()`` and ``stop()`` simple.
 """
@@ -446,7 +447,25 @@ class _Handler(BaseHTTPRequestHandler):
                 "sha": commit.oid, "lastModified": commit.date, "createdAt": repo.created_at,
                 "private": repo.private, "gated": "auto" if repo.gated else False, "disabled": False,
                 "downloads": 0, "likes": 0, "tags": [], "siblings": siblings,
-                "usedStorage": sum(e.size for e in commit.tree.values())}
+                "usedStorage": sum(e.size for e in commit.tree.values()),
+                **({"cardData": card} if (card := self._card_data(commit)) is not None else {})}
+
+    def _card_data(self, commit: Commit) -> dict | None:
+        """The YAML metadata of the commit's README.md, as the Hub reports it under ``cardData``."""
+        entry = commit.tree.get("README.md")
+        if entry is None:
+            return None
+        text = self.hub._object(entry.sha256).read_bytes().decode("utf-8", "replace")
+        m = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", text, re.DOTALL)
+        if m is None:
+            return None
+        import yaml  # not stdlib, but a dependency of huggingface_hub itself
+
+        try:
+            data = yaml.safe_load(m[1])
+        except yaml.YAMLError:
+            return None
+        return data if isinstance(data, dict) else None
 
     def _tree(self, commit: Commit, sub: str, recursive: bool | None) -> list[dict]:
         """Entries under ``sub``; ``recursive=None`` means paths-info (the entry at ``sub`` itself, or nothing)."""

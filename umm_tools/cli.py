@@ -377,6 +377,29 @@ stage_command(
 )
 
 
+def _push_options():
+    from umm_tools.push import PushOptions
+
+    return PushOptions
+
+
+def _run_push(model_dir: str, repo_id: str, opts: Any) -> None:
+    from umm_tools.push import push
+
+    typer.echo(push(model_dir, repo_id, opts).format())
+
+
+stage_command(
+    "push",
+    _push_options,
+    [("model_dir", "Dense RM folder to publish (normally the output of umm collapse).", True),
+     ("repo_id", "Hub repo to create or update: org/name (or name, for your own namespace).", True)],
+    _run_push,
+    help="Publish a reward model to the Hugging Face Hub with a model card carrying its lineage, merge weights, "
+    "evaluation and reward-hacking results. Nothing is uploaded when a check fails; --dry-run only writes the card.",
+)
+
+
 STAGE_NAMES = "upcycle, train, learn-merge, collapse, eval, ppo, push"
 
 

@@ -35,6 +35,19 @@ MODEL_PATTERNS = [
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
+def transport_errors() -> tuple[type[BaseException], ...]:
+    """Connection-level errors of whichever HTTP library huggingface_hub uses (httpx2 in 2.x, httpx in 1.x)."""
+    import contextlib
+    import importlib
+
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module in ("httpx2", "httpx", "requests"):
+        with contextlib.suppress(ImportError, AttributeError):
+            mod = importlib.import_module(module)
+            errors.append(getattr(mod, "TransportError", None) or mod.exceptions.ConnectionError)
+    return tuple(errors)
+
+
 def looks_like_repo_id(text: str) -> bool:
     return bool(_REPO_ID.match(text)) and not text.startswith((".", "/")) and ".." not in text
 
@@ -90,7 +103,7 @@ def _download(repo_id: str, revision: str | None, allow_patterns: list[str]) -> 
         raise UmmError(f"{repo_id}: cannot reach the Hub and no cached copy was found ({e.__class__.__name__}). {how}") from e
     except HfHubHTTPError as e:
         raise UmmError(f"{repo_id}: the Hub answered with an error: {e}. {how}") from e
-    except OSError as e:  # connection errors surface as OSError subclasses (requests/httpx)
+    except (OSError, *transport_errors()) as e:
         raise UmmError(f"{repo_id}: network error while downloading ({e}). {how}") from e
     finally:
         if is_quiet():
