@@ -62,9 +62,11 @@ def main(
     logger.setLevel(level)
     logger.propagate = False
     set_quiet(quiet)
-    if quiet or not verbose:
-        import os
+    import os
 
+    if quiet:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # also silences transformers' bars
+    if not verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 STAGES = ("upcycle", "train", "learn-merge", "collapse", "eval", "ppo", "push")
 MARKER = ".umm_stage.json"
+# Options that do not change what a stage produces (or are secrets): left out of hashes and markers.
+VOLATILE = {"overwrite", "resume", "resume_from", "token"}
 STARTED = ".umm_stage_started.json"
 
 # Inputs a stage takes besides its options; in a recipe section they sit beside the options.
@@ -222,7 +224,7 @@ def plan(recipe: Recipe) -> list[StagePlan]:
 
 
 def _fingerprint(p: StagePlan) -> dict[str, str]:
-    opts = p.options.model_dump(mode="json", exclude={"overwrite", "resume"})
+    opts = p.options.model_dump(mode="json", exclude=VOLATILE & set(type(p.options).model_fields))
     cfg = hashlib.sha256(json.dumps({"stage": p.stage, "options": opts}, sort_keys=True).encode()).hexdigest()
     inputs = hashlib.sha256(
         json.dumps({k: _hash_input(v) for k, v in sorted(p.inputs.items())}, sort_keys=True).encode()
@@ -294,20 +296,20 @@ def run(recipe: Recipe, from_stage: str | None = None, until_stage: str | None =
             raise UmmError(f"{name} {value}: not one of this recipe's stages ({', '.join(recipe.stages)}).")
     plans = plan(recipe)
     report: list[tuple[str, str]] = []
-    rerun_rest = False
+    rerun_rest: str | None = None  # why every later stage reruns
     for p in plans:
         if from_stage and p.stage == from_stage:
-            rerun_rest = True
+            rerun_rest = "forced by --from"
         fp = _fingerprint(p)
         state = status(p, fp)
         if state == "done" and not rerun_rest:
             report.append((p.stage, "skip (up to date)"))
             echo(f"[{p.stage}] up to date, skipped")
         else:
-            why = "forced by --from" if rerun_rest and state == "done" else {
+            why = rerun_rest if rerun_rest and state == "done" else {
                 "missing": "not finished yet", "changed": "options or inputs changed"}[state]
             report.append((p.stage, f"run ({why})"))
-            rerun_rest = True  # every later stage reads this one's output
+            rerun_rest = rerun_rest or f"{p.stage} reruns"  # every later stage reads this one's output
             if dry_run:
                 echo(f"[{p.stage}] would run ({why})")
             else:
@@ -337,7 +339,7 @@ def _run_stage(p: StagePlan, fp: dict[str, str]) -> None:
     t0 = time.time()
     _runner(p.stage)(StagePlan(p.stage, opts, p.inputs, p.output))
     write_json(p.output / MARKER, {**fp, "stage": p.stage, "inputs": p.inputs,
-                                   "options": p.options.model_dump(mode="json"),
+                                   "options": p.options.model_dump(mode="json", exclude=VOLATILE & set(type(p.options).model_fields)),
                                    "seconds": round(time.time() - t0, 1), "finished": time.strftime("%FT%T")})
     started.unlink(missing_ok=True)
 
