@@ -265,6 +265,31 @@ stage_command(
 )
 
 
+def _train_options():
+    from umm_tools.train import TrainOptions
+
+    return TrainOptions
+
+
+def _run_train(model: str, data: str, output_dir: str, opts: Any) -> None:
+    from umm_tools.train import train
+
+    out = train(model, data, output_dir, opts)
+    typer.echo(f"trained reward model, metrics.json and routing_stats.json written to {out}")
+
+
+stage_command(
+    "train",
+    _train_options,
+    [("model", "RM to train: a MoE folder from `umm upcycle`, or any dense RM (the baseline), folder or Hub id.", True),
+     ("data", "Preference data: a Hub dataset id or a .jsonl/.json/.parquet/.csv file.", True),
+     ("output_dir", "Folder for the trained model, metrics.json, routing_stats.json and checkpoints.", True)],
+    _run_train,
+    help="Train a reward model on preference pairs (Bradley-Terry loss; for a MoE, plus the router load-balancing "
+    "loss) with TRL's RewardTrainer; runs unchanged under `accelerate launch` / torchrun.",
+)
+
+
 def _learn_merge_options():
     from umm_tools.learn_merge import LearnMergeOptions
 
