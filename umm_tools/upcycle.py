@@ -262,13 +262,30 @@ def _layout(weights: SourceWeights, plan: dict[str, Any], opts: UpcycleOptions, 
 
     E, S = opts.num_experts, opts.shared_experts
     out_dtype = None if opts.dtype == "auto" else getattr(torch, opts.dtype)
+    # Derived tensors of the FFN source tensor being expanded, each computed once in the output dtype and
+    # written E or E + 1 times: converting dtypes per output would dominate the run time.
     cache: dict[str, torch.Tensor] = {}
+    cached_name: list[str] = [""]
 
-    def source(name: str) -> torch.Tensor:
-        if name not in cache:
+    def derived(name: str, variant: str, dtype: Any) -> torch.Tensor:
+        if cached_name[0] != name:
             cache.clear()
-            cache[name] = weights.get(name).float()
-        return cache[name]
+            cached_name[0] = name
+            cache["raw"] = weights.get(name)
+        if variant not in cache:
+            w = cache["raw"]
+            down = name.endswith("down_proj.weight")
+            if variant == "routed":
+                cache[variant] = (w.float() * routed_scale).to(dtype) if down else w.to(dtype)
+            elif down:  # shared, (H, S·I): S copies side by side, each scaled by 2c/S
+                cache[variant] = torch.cat([(w.float() * shared_scale).to(dtype)] * S, dim=1)
+            else:  # shared, (S·I, H): S copies stacked
+                cache[variant] = torch.cat([w.to(dtype)] * S, dim=0)
+        return cache[variant]
+
+    def noisy(name: str, dtype: Any) -> torch.Tensor:
+        w = cache["raw"].float() if cached_name[0] == name else weights.get(name).float()
+        return (w + torch.randn(w.shape, generator=gen) * (opts.expert_noise * w.std())).to(dtype)
 
     gen = torch.Generator().manual_seed(opts.seed + 1)
     layout: list[tuple[str, tuple[int, ...], Any, Any]] = []
@@ -284,21 +301,14 @@ def _layout(weights: SourceWeights, plan: dict[str, Any], opts: UpcycleOptions, 
         layer, proj = kind
         prefix = f"model.layers.{layer}.mlp"
         for i in range(E):
-            if proj == "down_proj":
-                make = lambda name=name: source(name) * routed_scale  # noqa: E731
-            elif opts.expert_noise > 0:
-                make = lambda name=name: source(name) + torch.randn(  # noqa: E731
-                    source(name).shape, generator=gen) * (opts.expert_noise * source(name).std())
+            if opts.expert_noise > 0 and proj != "down_proj":
+                make = lambda name=name, dtype=dtype: noisy(name, dtype)  # noqa: E731
             else:
-                make = lambda name=name: source(name)  # noqa: E731
+                make = lambda name=name, dtype=dtype: derived(name, "routed", dtype)  # noqa: E731
             layout.append((f"{prefix}.experts.{i}.{proj}.weight", shape, dtype, make))
-        if proj == "down_proj":  # (H, S·I): S copies side by side, each scaled by 2c/S
-            shared_shape = (shape[0], shape[1] * S)
-            make = lambda name=name: torch.cat([source(name) * shared_scale] * S, dim=1)  # noqa: E731
-        else:  # (S·I, H): S copies stacked
-            shared_shape = (shape[0] * S, shape[1])
-            make = lambda name=name: torch.cat([source(name)] * S, dim=0)  # noqa: E731
-        layout.append((f"{prefix}.shared_expert.{proj}.weight", shared_shape, dtype, make))
+        shared_shape = (shape[0], shape[1] * S) if proj == "down_proj" else (shape[0] * S, shape[1])
+        layout.append((f"{prefix}.shared_expert.{proj}.weight", shared_shape, dtype,
+                       lambda name=name, dtype=dtype: derived(name, "shared", dtype)))
         if proj == "gate_proj":
             hidden = shape[1]
             layout.append((f"{prefix}.gate.weight", (E, hidden), dtype, lambda layer=layer: routers[layer]))
