@@ -427,6 +427,33 @@ stage_command(
 )
 
 
+def _demo_options():
+    from umm_tools.demo.run import DemoOptions
+
+    return DemoOptions
+
+
+def _run_demo(opts: Any) -> None:
+    from umm_tools.demo.run import run_demo
+
+    out = run_demo(opts)
+    results = Path(out) / "results.md"
+    if results.is_file():
+        typer.echo(results.read_text())
+    typer.echo(f"demo output (table, results.json, gold_curves.png) in {out}")
+
+
+stage_command(
+    "demo",
+    _demo_options,
+    [],
+    _run_demo,
+    help="The built-in reward-hacking benchmark: no arguments, no network, ~10 minutes on 2 CPU cores. A synthetic "
+    "world with a known gold reward and a planted spurious feature; a dense RM and a UMM-RM are trained on the same "
+    "pairs and each drives PPO while the gold reward watches. Prints a table and writes a plot.",
+)
+
+
 STAGE_NAMES = "upcycle, train, learn-merge, collapse, eval, ppo, push"
 
 

@@ -150,7 +150,7 @@ class TrainOptions(DataOptions):
         "supports it (or a CPU, slowly); fp16 needs a CUDA GPU.",
     )
     gradient_checkpointing: bool = Field(
-        False, description="Recompute activations in the backward pass (less memory, ~30% slower)."
+        False, description="Recompute activations in the backward pass: less memory, one more forward pass of compute."
     )
     experts_implementation: Literal["auto", "eager", "batched_mm", "grouped_mm"] = Field(
         "auto",
@@ -758,6 +758,10 @@ class _Run:
             dataset_num_proc=None,
             center_rewards_coefficient=opts.center_rewards_coef,
         )
+        plugin = getattr(args, "deepspeed_plugin", None)
+        if opts.lora and plugin is not None and getattr(plugin, "zero_stage", 0) == 3:
+            raise UmmError("lora with DeepSpeed ZeRO-3 is not supported (the adapter is merged on the main process, "
+                           "which needs whole weights); use ZeRO-2, FSDP or plain DDP, or train without --lora.")
         from umm_tools.utils import set_seed
 
         set_seed(opts.seed)  # a new score head and the LoRA matrices start the same on every process
