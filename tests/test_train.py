@@ -341,6 +341,9 @@ def test_user_errors(tiny):
     with pytest.raises(UmmError, match="config.json is missing"):
         train(str(tiny["root"]), tiny["pairs"], tiny["root"] / "e4", TrainOptions())
     assert not any((tiny["root"] / f"e{i}").exists() for i in range(1, 5))
+    with pytest.raises(UmmError, match="holds MODEL"):  # --overwrite would delete the model being trained
+        train(str(tiny["moe"]), tiny["pairs"], tiny["moe"], TrainOptions(overwrite=True))
+    assert (tiny["moe"] / "config.json").is_file()
 
 
 def test_options_resolve_the_eval_split():

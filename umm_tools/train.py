@@ -9,7 +9,8 @@ dense ``…ForCausalLM``, which gets a new one-output ``score`` head, seeded). T
   softmax routing probability of expert ``i`` and ``f_{l,i}`` its share of the top-k selections, both over the
   batch's real tokens (padding excluded), ``aux = mean_l E · Σ_i f_{l,i} · P_{l,i}``; 1.0 when routing is uniform.
   Loss ``+= router_aux_coef · aux``. (transformers' own ``load_balancing_loss_func`` pools the layers before the
-  product and lets ``f`` sum to k; per-layer balance is what the merge needs, so umm's is per layer.)
+  product and lets ``f`` sum to k; umm balances each layer on its own, as each layer's experts are merged on
+  their own.)
 * the optional router **z-loss** (ST-MoE): ``z = mean_l mean_tokens logsumexp(router logits)²``, ``+= router_z_coef · z``.
 
 Router logits are captured by forward hooks on every layer's ``mlp.gate`` (and ``mlp.shared_expert_gate``) while
@@ -35,7 +36,7 @@ its share of the top-k selections; ``shared_gate_mean``: mean of ``σ(shared_exp
 **LoRA** (``lora=true``, peft): LoRA on attention (q/k/v/o_proj), the shared expert's projections and the
 routed experts. transformers 5 stores a layer's routed experts as two fused 3D parameters
 (``experts.gate_up_proj`` (E, 2I, H) and ``experts.down_proj`` (E, H, I)) that peft's ``Linear`` LoRA cannot
-wrap; peft ≥ 0.17 adapts them through ``target_parameters`` (one rank-r update per expert). peft cannot apply
+wrap; peft (0.21 here) adapts them through ``target_parameters`` (one rank-r update per expert). peft cannot apply
 dropout there, so ``lora_dropout`` must stay 0 while they are targets. The router (``mlp.gate``), the shared-expert
 gate (``mlp.shared_expert_gate``) and the ``score`` head are trained in full (``modules_to_save``). The adapter is
 saved in ``adapter/`` and merged into the weights of the model folder.
@@ -50,7 +51,9 @@ never looks finished; ``resume`` continues it from ``checkpoints/checkpoint-N``)
     adapter/              LoRA only
 
 The final files are written to a hidden folder first and moved into place; ``checkpoints/`` is deleted at the
-end unless ``keep_checkpoints``.
+end unless ``keep_checkpoints``. transformers also saves a checkpoint at the last step, so a run that crashes
+while its final folder is written resumes with nothing left to train. Resuming loads the checkpoint's weights
+through ``from_pretrained`` (see :meth:`UmmRewardTrainer._load_from_checkpoint`).
 
 **Multi-process**: run under ``accelerate launch`` (GPUs; DeepSpeed or FSDP through an accelerate config, see
 docs/distributed.md) or ``python -m torch.distributed.run --nproc_per_node N`` on CPUs (gloo). MoE models use
@@ -155,7 +158,8 @@ class TrainOptions(DataOptions):
     experts_implementation: Literal["auto", "eager", "batched_mm", "grouped_mm"] = Field(
         "auto",
         description="How transformers runs the routed experts of a MoE: 'auto' is transformers' choice "
-        "(grouped_mm where torch has it, else eager: a loop over experts); see benchmarks/train.py.",
+        "(grouped_mm where torch has it, else eager: a loop over experts). On CPU the two were within 5% of "
+        "each other (benchmarks/train.py); batched_mm materialises a weight matrix per token and expert.",
     )
     save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype of the saved weights; 'auto' keeps MODEL's dtype (float32 if it records none)."
@@ -654,6 +658,11 @@ class _Run:
         # Everything cheap is checked before a weight is read or OUTPUT_DIR is touched.
         folder = resolve_model(self.model_src, opts.revision)
         self.folder = folder
+        for what, path in (("MODEL", folder), ("DATA", Path(self.data_src).expanduser())):
+            inside = path.absolute()
+            if path.exists() and (inside == self.out or self.out in inside.parents):
+                raise UmmError(f"OUTPUT_DIR {self.out} holds {what} ({path}); training writes (and with --overwrite "
+                               "deletes) OUTPUT_DIR. Choose another output folder.")
         cfg = _read_model_config(folder, self.model_src)
         self.umm_meta = cfg.get("umm") if isinstance(cfg.get("umm"), dict) else None
         if not torch.accelerator.is_available() and opts.precision == "fp16":

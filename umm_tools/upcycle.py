@@ -275,12 +275,19 @@ def _layout(weights: SourceWeights, plan: dict[str, Any], opts: UpcycleOptions, 
         if variant not in cache:
             w = cache["raw"]
             down = name.endswith("down_proj.weight")
+
+            def scaled(scale: float) -> torch.Tensor:
+                # Same bits as (w.float() * scale).to(dtype): CPU bf16/fp16 arithmetic rounds from float32.
+                return (w * scale) if w.dtype == dtype else (w.float() * scale).to(dtype)
+
             if variant == "routed":
-                cache[variant] = (w.float() * routed_scale).to(dtype) if down else w.to(dtype)
+                cache[variant] = scaled(routed_scale) if down else w.to(dtype)
             elif down:  # shared, (H, S·I): S copies side by side, each scaled by 2c/S
-                cache[variant] = torch.cat([(w.float() * shared_scale).to(dtype)] * S, dim=1)
+                block = scaled(shared_scale)
+                cache[variant] = block if S == 1 else torch.cat([block] * S, dim=1)
             else:  # shared, (S·I, H): S copies stacked
-                cache[variant] = torch.cat([w.to(dtype)] * S, dim=0)
+                block = w.to(dtype)
+                cache[variant] = block if S == 1 else torch.cat([block] * S, dim=0)
         return cache[variant]
 
     def noisy(name: str, dtype: Any) -> torch.Tensor:

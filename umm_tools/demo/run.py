@@ -501,7 +501,8 @@ def run_ppos(policy: Path, prompts: Path, rms: dict[str, Path], root: Path, opts
     import sys
 
     env = {**os.environ, "UMM_QUIET": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "TRANSFORMERS_VERBOSITY": "error"}
+           "TRANSFORMERS_VERBOSITY": "error",
+           "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # the workers import this very umm_tools
     code = "import sys; from umm_tools.demo.run import _ppo_worker_main; _ppo_worker_main(sys.argv[1])"
     waiting = list(jobs)
     running: dict[str, tuple[Any, Any]] = {}  # row -> (process, log file)
