@@ -54,7 +54,8 @@ def test_tiny_recipe_end_to_end_with_push(local_hub, tmp_path, monkeypatch):
 
     monkeypatch.chdir(ROOT)
     out = tmp_path / "run"
-    args = ["run", "recipes/tiny.yaml", "--set", f"output_dir={out}", "--set", "push.repo_id=org/tiny-umm", *FAST]
+    args = ["run", "recipes/tiny.yaml", "--set", f"output_dir={out}", "--set", "push.repo_id=org/tiny-umm",
+            "--set", "push.dry_run=false", *FAST]
     r = _run(*args)
     assert r.exit_code == 0, r.output
     for stage in ("upcycle", "train", "learn-merge", "collapse", "eval", "ppo", "push"):

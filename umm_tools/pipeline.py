@@ -215,6 +215,7 @@ def plan(recipe: Recipe) -> list[StagePlan]:
         elif stage == "push":
             inputs.setdefault("model_dir", dense)
             need(inputs.get("repo_id"), "push.repo_id", stage)
+            section.setdefault("card_output", str(out["push"] / "README.md"))
             if "eval" in chosen and "eval_results" in opts_cls.model_fields:
                 section.setdefault("eval_results", [str(out["eval"] / "eval.json")])
             if "ppo" in chosen and "ppo_summary" in opts_cls.model_fields:
@@ -280,8 +281,8 @@ def _runner(stage: str) -> Callable[..., Any]:
         def run_push(p: StagePlan) -> Any:
             result = push(p.inputs["model_dir"], p.inputs["repo_id"], p.options)
             p.output.mkdir(parents=True, exist_ok=True)
-            write_json(p.output / "push.json", result if isinstance(result, dict) else getattr(
-                result, "__dict__", {"result": str(result)}))
+            record = {k: v for k, v in vars(result).items() if k != "card_text"}
+            write_json(p.output / "push.json", json.loads(json.dumps(record, default=str)))
             return result
 
         return run_push
