@@ -38,8 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import DEFAULT_WORK, REPO, RESULTS, machine_info, markdown_table, rmtree, tool_env, verdict, \
-    write_results
+from _common import DEFAULT_WORK, REPO, RESULTS, machine_info, markdown_table, rmtree, tool_env, verdict, write_results
 
 TRL_VERSION = "1.12.0"
 TORCH_VERSION = "2.13.0"
