@@ -45,6 +45,7 @@ def test_every_option_has_help():
 
 
 def test_help_is_fast_and_imports_nothing_heavy():
-    code = "import sys; import umm_tools.cli; print(','.join(m for m in ('torch','transformers','mergekit','trl') if m in sys.modules))"
+    code = ("import sys; import umm_tools.cli; "
+            "print(','.join(m for m in ('torch','transformers','mergekit','trl') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"heavy modules imported by the CLI at start-up: {out}"

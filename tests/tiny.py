@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-WORDS = ["the", "a", "cat", "dog", "bird", "fish", "runs", "jumps", "sleeps", "eats", "big", "small", "red", "blue", "green", "happy", "sad", "fast", "slow", "good", "bad", "very", "not", "and", "or", "but", "if", "then", "when", "where", "why", "how", "what", "who", "answer", "question", "please", "help", "tell", "me", "about", "write", "story", "poem", "code", "list", "one", "two", "three", "four", "five", "yes", "no", "maybe", "always", "never"]
+WORDS = ["the", "a", "cat", "dog", "bird", "fish", "runs", "jumps", "sleeps", "eats", "big", "small", "red", "blue", "green", "happy", "sad", "fast", "slow", "good", "bad", "very", "not", "and", "or", "but", "if", "then", "when", "where", "why", "how", "what", "who", "answer", "question", "please", "help", "tell", "me", "about", "write", "story", "poem", "code", "list", "one", "two", "three", "four", "five", "yes", "no", "maybe", "always", "never"]  # noqa: E501
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"

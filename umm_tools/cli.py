@@ -90,7 +90,6 @@ def _flag_type(annotation: Any) -> Any | None:
 
 def _load_section(path: str, stage: str) -> dict[str, Any]:
     from umm_tools.config import load_yaml
-
     from umm_tools.pipeline import STAGE_INPUTS
 
     data = load_yaml(path)

@@ -29,9 +29,10 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -339,8 +340,8 @@ def _run_stage(p: StagePlan, fp: dict[str, str]) -> None:
     write_json(started, fp)
     t0 = time.time()
     _runner(p.stage)(StagePlan(p.stage, opts, p.inputs, p.output))
-    write_json(p.output / MARKER, {**fp, "stage": p.stage, "inputs": p.inputs,
-                                   "options": p.options.model_dump(mode="json", exclude=VOLATILE & set(type(p.options).model_fields)),
+    kept = p.options.model_dump(mode="json", exclude=VOLATILE & set(type(p.options).model_fields))
+    write_json(p.output / MARKER, {**fp, "stage": p.stage, "inputs": p.inputs, "options": kept,
                                    "seconds": round(time.time() - t0, 1), "finished": time.strftime("%FT%T")})
     started.unlink(missing_ok=True)
 

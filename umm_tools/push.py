@@ -25,7 +25,6 @@ only what the Hub does not have yet. The token is read from ``token``, else ``HF
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import logging
 import os
