@@ -192,12 +192,17 @@ def test_report_mean_std_table_and_plot(tmp_path):
 # --- end to end ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_quick_demo_end_to_end(tmp_path):
-    """The whole pipeline, small; PPO in 2 worker processes (the default path)."""
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    """The whole pipeline, small (``quick``: PPO runs one after the other in this process)."""
     from umm_tools.demo import run_demo
 
-    out = run_demo(DemoOptions(quick=True, output=str(tmp_path / "demo"), ppo_workers=2))
+    return run_demo(DemoOptions(quick=True, output=str(tmp_path_factory.mktemp("demo") / "out")))
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end(quick_demo):
+    out = quick_demo
     table = (out / "results.md").read_text().splitlines()
     rows = [line for line in table[2:] if line.startswith("|")]
     assert [r.split("|")[1].strip() for r in rows] == list(ROWS.values())
@@ -216,5 +221,22 @@ def test_quick_demo_end_to_end(tmp_path):
     assert (out / "gold_curves.png").stat().st_size > 1000
     for row in ROWS:
         assert (out / "seed_0" / f"ppo_{row}" / "summary.json").is_file()
+    from umm_tools.demo import run_demo
+
     with pytest.raises(UmmError, match="already exists"):
         run_demo(DemoOptions(quick=True, output=str(out)))
+
+
+@pytest.mark.slow
+def test_ppo_in_worker_processes(quick_demo, tmp_path):
+    """The default path of the full demo: PPO runs in 2 worker processes, progress read from their metrics."""
+    from umm_tools.demo.run import read_ppo, run_ppos
+
+    seed_dir = quick_demo / "seed_0"
+    opts = resolve(DemoOptions(quick=True, ppo_workers=2, ppo_steps=2, eval_every=1))
+    rms = {"dense": seed_dir / "dense_rm", "moe": seed_dir / "moe_rm", "umm": seed_dir / "umm_rm"}
+    runs = run_ppos(seed_dir / "policy", seed_dir / "world" / "prompts.jsonl", rms, tmp_path, opts, 0, WORLD)
+    assert set(runs) == set(rms)
+    for run in runs.values():
+        figures, curve = read_ppo(run)
+        assert curve["step"] == [0, 1, 2] and math.isfinite(figures["gold_end"])

@@ -494,6 +494,7 @@ def learn_merge(moe_dir: str | os.PathLike, data: str | None, output: str | os.P
     """
     opts = (opts or LearnMergeOptions()).resolved()
     moe_dir, out = Path(moe_dir).absolute(), Path(output).absolute()
+    data = None if data is None else str(data)
     _check_request(data, out, opts)
     stats = read_routing_stats(moe_dir) if opts.mode in ("learned", "stats") else None
     acc = _accelerator(opts.device)

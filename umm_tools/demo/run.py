@@ -52,7 +52,7 @@ ROWS: dict[str, str] = {
     "uniform": "uniform merge",
     "umm": "UMM-RM (learned merge)",
 }
-# (key in a row's figures, column header, format, whether the MoE/merged rows compare against it)
+# The table's columns: (key in a row's figures, header, number format).
 COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("acc_heldout", "acc. held-out", ".3f"),
     ("acc_shift", "acc. shift", ".3f"),
@@ -66,6 +66,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 STAGES = 9
 PPO_PROMPTS = 384  # prompts written for PPO, of which EVAL_PROMPTS are held out to measure gold and proxy
 EVAL_PROMPTS = 128
+COST_PAIRS = 32  # held-out pairs in the batch whose scoring is timed
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 _WORLD = World()  # the defaults of the world's knobs
 
@@ -418,7 +419,7 @@ def accuracy(rm: Path, data: Path) -> float:
     return float(evaluate(str(rm), str(data), EvalOptions(batch_size=64, device="cpu"))["accuracy"])
 
 
-def scoring_cost(rms: dict[str, Path], data: Path, pairs: int = 32, repeats: int = 7) -> dict[str, dict[str, float]]:
+def scoring_cost(rms: dict[str, Path], data: Path, pairs: int = COST_PAIRS, repeats: int = 7) -> dict[str, dict[str, float]]:
     """Median seconds to score one batch (``pairs`` held-out pairs = 2 × pairs sequences) and parameter count of
     each RM, and both relative to the dense RM. Models are timed in turn, ``repeats`` rounds, after a warm-up."""
     import torch
@@ -465,12 +466,12 @@ def ppo_options(opts: DemoOptions, rm: Path, seed: int):
     )
 
 
-def _ppo_job(policy: str, prompts: str, out: str, ppo_opts: dict, world: dict) -> str:
-    """One PPO run against an RM, the world's gold reward watched."""
+def _ppo_job(policy: str, prompts: str, out: str, options: dict, world: dict) -> str:
+    """One PPO run against an RM (``options``: PPOOptions fields), the world's gold reward watched."""
     from umm_tools.demo.world import GoldReward
     from umm_tools.ppo import PPOOptions, ppo
 
-    return str(ppo(policy, prompts, out, PPOOptions(**ppo_opts), gold_fn=GoldReward(World(**world))))
+    return str(ppo(policy, prompts, out, PPOOptions(**options), gold_fn=GoldReward(World(**world))))
 
 
 def _ppo_worker_main(job_file: str) -> None:
@@ -479,8 +480,7 @@ def _ppo_worker_main(job_file: str) -> None:
 
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(levelname)s %(message)s")
-    job = json.loads(Path(job_file).read_text())
-    _ppo_job(job["policy"], job["prompts"], job["out"], job["options"], job["world"])
+    _ppo_job(**json.loads(Path(job_file).read_text()))
 
 
 def run_ppos(policy: Path, prompts: Path, rms: dict[str, Path], root: Path, opts: DemoOptions, seed: int,
@@ -634,7 +634,8 @@ def format_markdown(report: dict[str, Any]) -> str:
         f"Gold and proxy are mean rewards on {EVAL_PROMPTS} held-out prompts during PPO ({opts['ppo_steps']} steps, evaluated "
         f"every {opts['eval_every']}); proxy is on each RM's own scale. "
         f"*hacked*: seeds where {report['hack_rule']}.",
-        "Cost: median time to score one batch of 64 sequences, and parameter count, relative to the dense RM.",
+        f"Cost: median time to score one batch of {2 * COST_PAIRS} sequences, and parameter count, relative to the "
+        "dense RM. The MoE RM carries every expert; the merged RMs have exactly the dense RM's architecture.",
         f"Total time: {report['seconds']:.0f} s.",
     ]
     return "\n".join(lines + notes) + "\n"

@@ -91,16 +91,16 @@ GOOD_SCORE = 0.5  # universally good word; a bad one scores -GOOD_SCORE
 class World:
     """The world's parameters (the vocabulary and regimes above are fixed); see the module docstring."""
 
-    short_len: int = 3
-    long_len: int = 8
+    short_len: int = 3  # answers shorter than this are scored as if padded to it (too short: diluted)
+    long_len: int = 8  # answers longer than this lose length_penalty per extra word
     length_penalty: float = 0.1
-    spurious_rate: float = 0.8
-    label_noise: float = 0.1
-    min_margin: float = 0.1
-    max_content: int = 4
-    max_filler: int = 1
-    pair_max_len: int = 18
-    pair_max_gap: int = 4
+    spurious_rate: float = 0.8  # share of training pairs whose chosen answer is the longer one
+    label_noise: float = 0.1  # share of training pairs whose chosen answer is the gold-worse one
+    min_margin: float = 0.1  # smallest gold difference within a pair
+    max_content: int = 4  # policy pretraining answers: 1 .. max_content content words
+    max_filler: int = 1  # ... and 0 .. max_filler filler words
+    pair_max_len: int = 18  # longest answer in a preference pair
+    pair_max_gap: int = 4  # most words between the two answers of a pair
 
     # --- the language ----------------------------------------------------------------------------------
 
