@@ -274,7 +274,8 @@ def _run_train(model: str, data: str, output_dir: str, opts: Any) -> None:
     from umm_tools.train import train
 
     out = train(model, data, output_dir, opts)
-    typer.echo(f"trained reward model, metrics.json and routing_stats.json written to {out}")
+    extra = " and routing_stats.json" if (Path(out) / "routing_stats.json").is_file() else ""
+    typer.echo(f"trained reward model, metrics.json{extra} written to {out}")
 
 
 stage_command(

@@ -792,6 +792,10 @@ class _Run:
             from transformers.trainer_callback import PrinterCallback
 
             trainer.remove_callback(PrinterCallback)
+        elif not logger.isEnabledFor(logging.DEBUG) and trainer.pop_callback(_progress_callback_class()):
+            # Live figures in the bar's postfix instead of a printed dict per logging step (all of them are
+            # in metrics.json; --verbose restores transformers' printing).
+            trainer.add_callback(_bar_with_figures())
         self.is_moe = trainer.moe is not None
         self.trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         self.total = sum(p.numel() for p in trainer.model.parameters())
@@ -1063,3 +1067,24 @@ def _save_dtype(choice: str, folder: Path) -> Any:
     cfg = read_json(folder / "config.json", "model config")
     saved = cfg.get("dtype") or cfg.get("torch_dtype")
     return getattr(torch, saved) if saved in ("float32", "bfloat16", "float16") else torch.float32
+
+
+def _progress_callback_class():
+    from transformers.trainer_callback import ProgressCallback
+
+    return ProgressCallback
+
+
+def _bar_with_figures():
+    """transformers' progress bar, showing the latest loss / accuracy / router loss as its postfix."""
+    ProgressCallback = _progress_callback_class()
+    shown = ("loss", "accuracy", "router_aux_loss", "eval_loss", "eval_accuracy")
+
+    class BarWithFigures(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None and logs:
+                figures = {k: f"{float(v):.4g}" for k, v in logs.items() if k in shown and isinstance(v, (int, float))}
+                if figures:
+                    self.training_bar.set_postfix(figures, refresh=False)
+
+    return BarWithFigures()
