@@ -319,7 +319,7 @@ def test_two_processes_take_the_single_process_steps(tiny):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "UMM_QUIET": "1",
            "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(repo / "tests" / "learn_merge_launch.py"), str(tiny["perturbed"]), tiny["train"], str(out),
+           str(repo / "tests" / "stage_launch.py"), "learn-merge", str(tiny["perturbed"]), tiny["train"], str(out),
            json.dumps(options)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -404,7 +404,7 @@ def test_two_processes(tiny):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "UMM_QUIET": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests" / "train_launch.py"), str(tiny["moe"]), tiny["pairs"], str(out), json.dumps(options)]
+           str(REPO / "tests" / "stage_launch.py"), "train", str(tiny["moe"]), tiny["pairs"], str(out), json.dumps(options)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     metrics = json.loads((out / "metrics.json").read_text())

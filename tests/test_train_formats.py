@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+import tiny
 from typer.testing import CliRunner
 
-import tiny
 from umm_tools.cli import app
 
 runner = CliRunner()

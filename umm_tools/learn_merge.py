@@ -81,6 +81,7 @@ from pydantic import Field, model_validator
 from umm_tools.data import DataOptions
 from umm_tools.errors import UmmError
 from umm_tools.merge_weights import PROJECTIONS, MergeWeights, load_merge_weights
+from umm_tools.train import ROUTING_STATS_FILE, ROUTING_STATS_FORMAT  # written by umm train
 
 if TYPE_CHECKING:
     import torch
@@ -91,8 +92,6 @@ WEIGHTS_FILE = "merge_weights.json"
 METRICS_FILE = "metrics.json"
 OPTIONS_FILE = "learn_merge_options.json"
 MERGEKIT_YAML = "merge.yaml"
-ROUTING_STATS_FILE = "routing_stats.json"
-ROUTING_STATS_FORMAT = "umm-routing-stats/1"
 # A coefficient below this fraction of a layer's largest is raised to it: every initial logit stays finite.
 _FLOOR = 1e-12
 _SHARE_TOLERANCE = 1e-3
